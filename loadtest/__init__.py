@@ -1,0 +1,1 @@
+"""Benchmarks: ``python -m loadtest.bench`` (``make bench``). See docs/benchmarks.md."""

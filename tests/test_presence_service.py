@@ -60,7 +60,8 @@ async def test_without_heartbeats_agent_goes_offline_within_ttl(presence, nc, js
 
     await eventually(offline, timeout=3, what="bob offline")
     elapsed = time.monotonic() - started
-    assert 0.9 < elapsed < 1.0 + 0.25 + 0.5  # ttl + sweep interval + slack
+    # ttl + sweep interval + slack for a loaded 2-core machine (the bound is the guarantee, scaled)
+    assert 0.9 < elapsed < 1.0 + 0.25 + 1.0
     rec = await read_agent(js, fast, tenant, "bob")
     assert rec.reason == "heartbeat_lost"
 

@@ -260,8 +260,8 @@ async def test_offline_agent_conversations_are_requeued(fast, buckets, nc, tenan
         await eventually(lambda: state("assigned"), what="assigned to ann")
         lost_at = time.monotonic()  # no heartbeats from now on
         await eventually(lambda: state("queued"), timeout=5, what="requeued after ann went offline")
-        # TTL 1 s + sweep 0.25 s + grace 0.3 s + a routing tick
-        assert time.monotonic() - lost_at < 1.0 + 0.25 + 0.3 + 0.2 + 0.5
+        # TTL 1 s + sweep 0.25 s + grace 0.3 s + a routing tick + slack for a loaded machine
+        assert time.monotonic() - lost_at < 1.0 + 0.25 + 0.3 + 0.2 + 1.0
         types = [(e.type, e.data) for e in await events(nc, tenant, "c1")]
         assert types == [
             ("assigned", {"agent": {"id": "ann"}}),

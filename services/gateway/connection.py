@@ -195,7 +195,10 @@ class Connection:
             if frame["t"] != "hello":
                 raise AuthError("the first frame must be hello")
             identity = verify_token(frame["token"], self.settings.jwt_secret)
-        except (ProtocolError, AuthError) as exc:
+        except ProtocolError as exc:
+            self.close_after_flush(CLOSE_UNAUTHORIZED, error_frame("unauthorized", f"the first frame must be a valid hello: {exc}"))
+            return False
+        except AuthError as exc:
             self.close_after_flush(CLOSE_UNAUTHORIZED, error_frame("unauthorized", str(exc)))
             return False
         self.identity = identity

@@ -190,7 +190,7 @@ async def test_two_routers_never_exceed_capacity(fast, buckets, js, nc, tenant):
 
         async def six_assigned():
             recs = [await conv_record(buckets, tenant, c) for c in convs]
-            return sum(r.state == "assigned" for r in recs) == 6
+            return sum(r.state == "assigned" and not r.outbox for r in recs) == 6  # events published
 
         await eventually(six_assigned, timeout=10, what="6 assignments")
         recs = {c: await conv_record(buckets, tenant, c) for c in convs}

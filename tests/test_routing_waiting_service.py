@@ -119,8 +119,12 @@ async def test_no_agent_online_notice_then_all_clear(fast, buckets, nc, tenant):
         await put_agent(buckets, tenant, "cat")
         await eventually(lambda: _len_is(notices, 2), timeout=6, what="all-clear")
         assert (await notices())[1] == ("info", ALL_CLEAR_NOTICE)
-        rec = await conv_record(buckets, tenant, "c1")
-        assert rec.state == "offered" and rec.wait_notice == "all_clear"
+
+        async def offered():
+            rec = await conv_record(buckets, tenant, "c1")
+            return rec.state == "offered" and rec.wait_notice == "all_clear"
+
+        await eventually(offered, timeout=5, what="offered to cat, all-clear recorded")
     finally:
         await router.stop()
 

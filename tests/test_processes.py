@@ -100,6 +100,25 @@ async def test_gateway_sigkill_mid_stream_loses_and_duplicates_nothing(procs, te
     await agent.close()
 
 
+async def test_new_session_moves_past_a_frozen_gateway(procs, tenant):
+    """G6: a SIGSTOPped gateway still completes TCP handshakes (the kernel does) but never answers the
+    WebSocket upgrade; the SDK gives it ``handshake_timeout``, not the whole (long) welcome wait."""
+    gw1, gw2 = procs.gateways
+    customer = ParleyClient([gw1.ws_url, gw2.ws_url], token("c-frozen", tenant), connect_timeout=30.0)
+    gw1.freeze()
+    try:
+        started = time.monotonic()
+        welcome = await customer.connect(timeout=40)
+        waited = time.monotonic() - started
+    finally:
+        gw1.thaw()
+    assert welcome["node"] == "gateway-1"
+    # the first attempt went to the frozen gateway and was abandoned after handshake_timeout (3 s),
+    # far sooner than connect_timeout (30 s) would have
+    assert customer.handshake_timeout <= waited < 15, waited
+    await customer.close()
+
+
 async def test_parley_dev_end_to_end(tmp_path):
     """``parley dev`` as a user runs it: chat with the printed tokens, transcript after close, clean exit."""
     port = free_port()

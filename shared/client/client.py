@@ -95,6 +95,7 @@ class ParleyClient:
         keep_frames: bool = True,
         send_ping: bool = True,
         connect_timeout: float = 10.0,
+        handshake_timeout: float = 3.0,
         silence_heartbeats: float = 2.5,
     ) -> None:
         self.urls = [urls] if isinstance(urls, str) else list(urls)
@@ -104,11 +105,14 @@ class ParleyClient:
         self.backoff_min, self.backoff_max = backoff_min, backoff_max
         self.keep_frames = keep_frames
         self.send_ping = send_ping
-        # a gateway that does not answer: no welcome within connect_timeout, or no frame at all for
-        # silence_heartbeats x heartbeat_ms although we ping (the server answers every ping). A frozen
-        # or partitioned gateway keeps the TCP connection open; without these the session would wait
-        # on it for as long as it is frozen instead of moving to another gateway (G6).
+        # a gateway that does not answer: no WebSocket upgrade within handshake_timeout, no welcome
+        # within connect_timeout, or no frame at all for silence_heartbeats x heartbeat_ms although we
+        # ping (the server answers every ping). A frozen or partitioned gateway keeps accepting TCP
+        # connections (the kernel does) and keeps open ones open; without these the session would
+        # wait on it for as long as it is frozen instead of moving to another gateway (G6). The
+        # upgrade is answered before any NATS work, so its bound is short; welcome waits on presence.
         self.connect_timeout = connect_timeout
+        self.handshake_timeout = min(handshake_timeout, connect_timeout)
         self.silence_heartbeats = silence_heartbeats
         self._last_rx = 0.0
         self.positions: dict[str, int] = {}
@@ -202,7 +206,7 @@ class ParleyClient:
     async def _session_once(self, url: str) -> None:
         assert self._session is not None
         token = await self._token_value()
-        async with asyncio.timeout(self.connect_timeout):
+        async with asyncio.timeout(self.handshake_timeout):
             ws = await self._session.ws_connect(url, protocols=(self.codec.subprotocol,), autoping=True,
                                                 max_msg_size=0, timeout=aiohttp.ClientWSTimeout(ws_close=2))
         async with ws:

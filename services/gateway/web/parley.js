@@ -47,7 +47,7 @@ export class ParleyClient {
   /**
    * @param {string|string[]} urls gateway WebSocket URLs, tried in turn
    * @param {string|(() => string|Promise<string>)} token a JWT, or a function returning a fresh one
-   * @param {object} [opts] backoffMin/backoffMax (ms), clientName, keepFrames, connectTimeoutMs
+   * @param {object} [opts] backoffMin/backoffMax (ms), clientName, keepFrames, connectTimeoutMs, handshakeTimeoutMs
    */
   constructor(urls, token, opts = {}) {
     this.urls = Array.isArray(urls) ? [...urls] : [urls];
@@ -58,6 +58,9 @@ export class ParleyClient {
     this.backoffMax = opts.backoffMax ?? 3000;
     this.keepFrames = opts.keepFrames ?? false;
     this.connectTimeoutMs = opts.connectTimeoutMs ?? 10000;
+    // a frozen gateway still accepts TCP (the kernel does) but never answers the upgrade: give it
+    // this long, not the whole welcome wait, before moving to the next URL
+    this.handshakeTimeoutMs = Math.min(opts.handshakeTimeoutMs ?? 3000, this.connectTimeoutMs);
     this.positions = {};            // conv -> last seq delivered to the application
     this.violations = [];           // {kind: "gap"|"duplicate", conv, seq, prev, expectedPrev}
     this.frames = [];               // every frame, when keepFrames
@@ -189,9 +192,11 @@ export class ParleyClient {
       return;
     }
     this._ws = ws;
-    ws._parley = { welcomed: false, lastIn: Date.now(), url, timers: [] };
+    ws._parley = { opened: false, welcomed: false, lastIn: Date.now(), url, timers: [] };
+    ws._parley.timers.push(setTimeout(() => { if (!ws._parley.opened) this._abandon(ws, null); }, this.handshakeTimeoutMs));
     ws._parley.timers.push(setTimeout(() => { if (!ws._parley.welcomed) this._abandon(ws, null); }, this.connectTimeoutMs));
     ws.onopen = () => {
+      ws._parley.opened = true;
       const hello = { t: "hello", token, client: this.clientName };
       if (Object.keys(this.positions).length) hello.resume = { ...this.positions };
       this._write(hello, ws);

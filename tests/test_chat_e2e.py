@@ -57,6 +57,7 @@ async def test_full_chat_with_transcript(stack, tenant):
         await cu.send(conv, f"customer {i}")
         await ag.send(conv, f"agent {i}")
     await ag.wait_for(of_type("message", conv, body="customer 2"))
+    await cu.wait_for(of_type("message", conv, body="agent 2"))  # delivery to each side is its own
     got = [f["data"]["body"] for f in cu.conv_events(conv) if f["type"] == "message"]
     assert got == ["customer 0", "agent 0", "customer 1", "agent 1", "customer 2", "agent 2"]
 
@@ -69,12 +70,11 @@ async def test_full_chat_with_transcript(stack, tenant):
 
     await cu.close_conversation(conv)
     closed = await ag.wait_for(of_type("closed", conv))
+    await cu.wait_for(of_type("closed", conv))
     assert closed["data"] == {"by": {"id": "c1", "role": "customer"}, "reason": "customer_closed"}
-    nack = await cu.send_nowait(conv, "too late").exception() if False else None
     with pytest.raises(Exception) as info:
         await cu.send(conv, "after close", timeout=5)
     assert getattr(info.value, "code", None) == "forbidden"
-    assert nack is None
 
     # both sides saw the same gapless chain
     for client in (ag, cu):
@@ -442,10 +442,9 @@ async def test_long_history_replays_through_a_small_outbound_queue(make_stack, t
     conv = await cu.open("support")
     await ag.wait_for(of_type("assigned", conv))
     for i in range(300):
-        await ag.send(conv, f"h{i}")
+        last = (await ag.send(conv, f"h{i}"))["seq"]  # the ack's seq: the agent's own echo may lag
     await cu.close()
     again = await connect(stack.ws_url, token("c1", tenant))  # resume from 0: replay of 302 events
-    last = ag.positions[conv]
     await again.wait_for(lambda f: f.get("t") == "ev" and f["seq"] == last, timeout=20)
     assert [e["data"]["body"] for e in again.conv_events(conv) if e["type"] == "message"] == [f"h{i}" for i in range(300)]
     assert again.violations == [] and again.stats.reconnects == 0

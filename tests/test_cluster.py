@@ -66,6 +66,8 @@ async def test_stream_leader_sigkill_loses_and_duplicates_nothing(cluster, tmp_p
         cluster.restart(leader)
         await customer.close_conversation(conv)
         await agent.wait_for(lambda f: f.get("t") == "ev" and f["type"] == "closed", timeout=30)
+        # the chain as the customer has it, up to its own `closed` (it may reach the agent first)
+        await customer.wait_for(lambda f: f.get("t") == "ev" and f["type"] == "closed", timeout=30)
         expected = [e["seq"] for e in customer.conv_events(conv)]
 
         async def transcript_complete():

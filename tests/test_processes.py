@@ -158,6 +158,8 @@ async def test_parley_dev_end_to_end(tmp_path):
         await customer.wait_for(lambda f: f.get("t") == "ev" and f.get("data", {}).get("body") == "let me check", timeout=30)
         await customer.close_conversation(conv)
         await agent.wait_for(lambda f: f.get("t") == "ev" and f["type"] == "closed", timeout=30)
+        # the chain as the customer has it, up to its own `closed` (it may reach the agent first)
+        await customer.wait_for(lambda f: f.get("t") == "ev" and f["type"] == "closed", timeout=30)
         expected = [e["seq"] for e in customer.conv_events(conv)]
 
         async def transcript():

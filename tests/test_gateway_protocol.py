@@ -176,7 +176,8 @@ async def test_rate_limit_nacks_then_closes_4029(settings, tenant):
     from parley.gateway.app import GatewayService
     from parley.testing.nats_server import free_port
 
-    gw = GatewayService(settings.with_overrides(http_host="127.0.0.1", http_port=free_port(), rate_limit=5))
+    # 1 frame/s, burst 2: the bucket stays empty while the test reads its answers, however slowly
+    gw = GatewayService(settings.with_overrides(http_host="127.0.0.1", http_port=free_port(), rate_limit=1))
     await gw.start()
     try:
         async with RawSocket(f"ws://127.0.0.1:{gw.settings.http_port}/v1/ws") as s:

@@ -64,8 +64,9 @@ async def test_queue_frames_on_entry_and_position_change_with_eta(fast, buckets,
             await open_conv(buckets, tenant, conv, customer=f"cu{i}")
             await asyncio.sleep(0.01)  # distinct queued_at: a defined FIFO order
         # (A first frame may predate c1's assignment: then c3 hears 3, then 2.)
-        await eventually(lambda: positions(frames, "c3")[-1:] == [2], what="c3 second in line (c1 is assigned)")
-        assert positions(frames, "c2")[-1] == 1
+        # (each conversation's frames have their own 1 s pacing: c2 may hear 2 before it hears 1)
+        await eventually(lambda: positions(frames, "c3")[-1:] == [2] and positions(frames, "c2")[-1:] == [1],
+                         what="c2 first, c3 second in line (c1 is assigned)")
         assert positions(frames, "c3") in ([2], [3, 2])
         # Nothing observed yet about handling times: the ETA is unknown, not invented.
         assert all(f["eta_s"] is None for _, f in frames)
@@ -78,7 +79,8 @@ async def test_queue_frames_on_entry_and_position_change_with_eta(fast, buckets,
         # 1 s when the shared machine is slow), so the ETA lies between those, rounded up.
         assert 1 <= last["eta_s"] <= max(2, math.ceil(heard_at - opened_at)), last
         stamps = [t for t, f in frames if f["conv"] == "c3"]
-        assert all(b - a >= 0.9 for a, b in zip(stamps, stamps[1:], strict=False))
+        # at most one frame a second per conversation (measured on arrival here: some jitter allowed)
+        assert all(b - a >= 0.7 for a, b in zip(stamps, stamps[1:], strict=False))
     finally:
         await router.stop()
 
@@ -159,12 +161,19 @@ async def test_abandoned_while_waiting_and_seen_survives_a_router_restart(fast, 
     settings = fast.with_overrides(abandon_s=2)
     router = await start_router(settings)
     router.waiting.startup_grace_ms = 0
+
+    async def stored():
+        raw, _ = await bus.kv_read(buckets.seen, subjects.kv_key(tenant, "cu2"))
+        return orjson.loads(raw)["ts"] if raw else None
+
+    # cu2 is connected (its gateway reports it) before the router meets its long-waiting conversation
+    await nc.publish(subjects.customer_seen_subject(tenant, "cu2"), orjson.dumps({"node": "gw1"}))
+    seen_at = await eventually(stored, what="cu2's seen stored")
     long_ago = now_ms() - 60_000
     for conv, customer in (("gone", "cu1"), ("here", "cu2")):
         rec = ConvRecord(conv=conv, tenant=tenant, customer=customer, queue="billing", opened_at=long_ago,
                          queued_at=long_ago)
         await bus.kv_cas(buckets.convs, subjects.kv_key(tenant, conv), rec.encode(), 0)
-    await nc.publish(subjects.customer_seen_subject(tenant, "cu2"), orjson.dumps({"node": "gw1"}))
 
     async def state(conv):
         """The record's state once its events are published (the router stores a transition with
@@ -177,12 +186,6 @@ async def test_abandoned_while_waiting_and_seen_survives_a_router_restart(fast, 
         evs = await events(nc, tenant, "gone")
         assert [(e.type, e.data) for e in evs if e.type == "closed"] == [("closed", {"by": None, "reason": "abandoned"})]
         assert await state("here") == "queued"
-
-        async def stored():
-            raw, _ = await bus.kv_read(buckets.seen, subjects.kv_key(tenant, "cu2"))
-            return orjson.loads(raw)["ts"] if raw else None
-
-        seen_at = await eventually(stored, what="cu2's seen stored")
     finally:
         await router.stop()
     # A fresh router knows cu2 was seen only from the bucket: it waits out the window from then.

@@ -166,9 +166,14 @@ async def test_abandoned_while_waiting_and_seen_survives_a_router_restart(fast, 
         raw, _ = await bus.kv_read(buckets.seen, subjects.kv_key(tenant, "cu2"))
         return orjson.loads(raw)["ts"] if raw else None
 
-    # cu2 is connected (its gateway reports it) before the router meets its long-waiting conversation
-    await nc.publish(subjects.customer_seen_subject(tenant, "cu2"), orjson.dumps({"node": "gw1"}))
-    seen_at = await eventually(stored, what="cu2's seen stored")
+    async def reported_and_stored():
+        # cu2 is connected: its gateway reports it, repeatedly as gateways do (a core NATS message
+        # sent before the router's subscription reached the server is not delivered)
+        await nc.publish(subjects.customer_seen_subject(tenant, "cu2"), orjson.dumps({"node": "gw1"}))
+        return await stored()
+
+    # ... before the router meets cu2's long-waiting conversation
+    seen_at = await eventually(reported_and_stored, interval=0.2, what="cu2's seen stored")
     long_ago = now_ms() - 60_000
     for conv, customer in (("gone", "cu1"), ("here", "cu2")):
         rec = ConvRecord(conv=conv, tenant=tenant, customer=customer, queue="billing", opened_at=long_ago,

@@ -96,6 +96,7 @@ class PresenceService:
             asyncio.create_task(self._write_heartbeats_loop(), name="presence-heartbeats"),
             asyncio.create_task(self._sweep_loop(), name="presence-sweep"),
         ]
+        await self._nc.flush(timeout=5)  # started = the server has our subscriptions (hello, heartbeats)
         self._started = True
 
     async def stop(self) -> None:

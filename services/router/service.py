@@ -88,6 +88,7 @@ class RouterService:
             asyncio.create_task(self._matching_loop(), name="router-matching"),
             asyncio.create_task(self._commands.run(), name="router-commands"),
         ]
+        await self._nc.flush(timeout=5)  # started = the server has our subscriptions (seen reports are core NATS)
         self._started = True
 
     async def stop(self) -> None:

@@ -101,6 +101,7 @@ class TranscriptService:
         self._query_subs = [await self.nc.subscribe(subjects.TRANSCRIPT_GET, queue=QUERY_QUEUE_GROUP, cb=self._on_get)]
         for subject in queries.QUERY_SUBJECTS:
             self._query_subs.append(await self.nc.subscribe(subject, queue=QUERY_QUEUE_GROUP, cb=self._on_query))
+        await self.nc.flush(timeout=5)  # started = the server has our query subscriptions
         self._tracing = not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider)
         self._writer_task = asyncio.create_task(self._write_loop(), name="transcript-writer")
         self._tasks = [

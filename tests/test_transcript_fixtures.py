@@ -9,6 +9,7 @@ with the reason printed (CI has one).
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -18,7 +19,7 @@ import pytest
 
 from parley.transcript.storage import TranscriptRow, TranscriptStore, store_from_dsn
 
-PG_DSN = __import__("os").environ.get("PARLEY_TEST_PG_DSN", "postgresql://postgres@127.0.0.1:5432/test")
+PG_DSN = os.environ.get("PARLEY_TEST_PG_DSN", "postgresql://postgres@127.0.0.1:5432/test")
 BACKENDS = ("sqlite", "postgresql")
 
 
@@ -26,7 +27,11 @@ async def pg_admin() -> asyncpg.Connection:
     try:
         return await asyncpg.connect(PG_DSN, timeout=3)
     except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
-        pytest.skip(f"PostgreSQL not reachable at {PG_DSN} ({exc}); set PARLEY_TEST_PG_DSN")
+        reason = f"PostgreSQL not reachable at {PG_DSN} ({exc}); set PARLEY_TEST_PG_DSN"
+        print(reason)
+        if os.environ.get("PARLEY_REQUIRE_POSTGRES") == "1":  # CI: the backend must be tested
+            pytest.fail(reason)
+        pytest.skip(reason)
 
 
 def with_database(dsn: str, database: str) -> str:

@@ -92,11 +92,11 @@ class PresenceService:
             await self._nc.subscribe(subjects.PRESENCE_HELLO, queue=QUEUE_GROUP, cb=self._on_request),
             await self._nc.subscribe(subjects.PRESENCE_SET, queue=QUEUE_GROUP, cb=self._on_request),
         ]
+        await self._nc.flush(timeout=5)  # started = the server has our subscriptions (hello, heartbeats)
         self._tasks = [
             asyncio.create_task(self._write_heartbeats_loop(), name="presence-heartbeats"),
             asyncio.create_task(self._sweep_loop(), name="presence-sweep"),
         ]
-        await self._nc.flush(timeout=5)  # started = the server has our subscriptions (hello, heartbeats)
         self._started = True
 
     async def stop(self) -> None:

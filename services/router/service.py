@@ -84,11 +84,11 @@ class RouterService:
         self._commands = RouteCommandConsumer(self._store, on_applied=self._wake.set)
         self.waiting = WaitingRoom(self.settings, self._nc, self._store)
         await self.waiting.start()
+        await self._nc.flush(timeout=5)  # started = the server has our subscriptions (seen reports are core NATS)
         self._tasks = [
             asyncio.create_task(self._matching_loop(), name="router-matching"),
             asyncio.create_task(self._commands.run(), name="router-commands"),
         ]
-        await self._nc.flush(timeout=5)  # started = the server has our subscriptions (seen reports are core NATS)
         self._started = True
 
     async def stop(self) -> None:
